@@ -105,7 +105,7 @@ def all_gather_variable(tensor: Tensor) -> Tensor:
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Return a new tensor holding the sum of `tensor` over ranks, without autograd.
+    """Return a new tensor containing the sum of `tensor` over ranks, without autograd.
 
     Without torch.distributed it returns a detached copy, so callers may modify the result.
     """

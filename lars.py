@@ -20,7 +20,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        # Weights of convolutions and linear layers are matrices; BatchNorm scales and all
+        # Weights of convolutions and linear layers are matrices, while BatchNorm scales and all
         # biases are vectors.
         (excluded if parameter.ndim <= 1 else adapted).append(parameter)
     return [

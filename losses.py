@@ -53,15 +53,16 @@ class SupConLoss(nn.Module):
     sample is its own class, which is SimCLR's NT-Xent loss.
 
     In a distributed run, the anchors are this rank's samples and the contrast set is gathered
-    from every rank with gradients, and per-rank batch sizes may differ. Every rank must call
-    forward, and backward on the returned `loss`, because both run collectives.
+    from every rank with gradients. Per-rank batch sizes may differ, and a rank may have none.
+    Every rank must call forward with the same kind of positives (labels, mask or neither), and
+    backward on the returned `loss`, because both run collectives.
 
     Args:
-        temperature: Softmax temperature that divides the dot products. SupCon uses 0.07 (from
-            arXiv 2004.11362) and SimCLR 0.5 for small batches (from arXiv 2002.05709).
+        temperature: Softmax temperature that divides the dot products. Lower values weight the
+            most similar negatives more.
         base_temperature: The loss is multiplied by temperature / base_temperature. The factor
-            scales the gradients like a learning-rate multiplier and does not move the optimum.
-            Set it equal to `temperature` for the papers' unscaled loss.
+            scales every gradient, which under plain SGD acts like a learning-rate multiplier,
+            and does not move the minimum. Set it equal to `temperature` for the papers' loss.
         contrast_mode: "all" makes every view of every local sample an anchor, and "one" makes
             only the first view an anchor. The contrast set always contains every view.
 
@@ -154,9 +155,9 @@ class SupConLoss(nn.Module):
             )
 
         contrast = gathered.reshape(global_size * num_views, dim)  # (G*V, D)
-        if global_size * num_views == 1:
-            # A lone view has no contrast sample, so its log-softmax is undefined. The product
-            # keeps the zero loss connected to the graph.
+        if global_size * num_views < 2:
+            # An empty batch or a lone view has no contrast sample, so no log-softmax is defined.
+            # The product keeps the zero loss connected to the graph.
             return self._reduce(contrast.sum() * 0.0, torch.zeros((), device=features.device))
 
         positive_sums, positive_counts, self_positive = _positive_samples(
@@ -269,7 +270,7 @@ def _positive_samples(
     self_positive = torch.ones(batch_size, dtype=torch.bool, device=gathered.device)  # (B,)
 
     if mask is not None:
-        # The float copy of the (B, G) sample mask is V*V times smaller than the logits.
+        # The float copy of the (B, G) sample mask is at least V times smaller than the logits.
         positive_sums = mask.to(view_sums.dtype) @ view_sums  # (B, D)
         rows = torch.arange(batch_size, device=gathered.device)
         return positive_sums, mask.sum(dim=1), mask[rows, offset + rows]

@@ -1,14 +1,18 @@
 """Time and peak memory of one forward and backward pass of `losses.SupConLoss` on the CPU.
 
-Compared with a dense-mask version of the same equation written below (float masks over the whole
-batch, built the way the original SupContrast reference code builds them) and, when installed,
-pytorch-metric-learning's `SupConLoss` and lightly's `NTXentLoss` (`requirements-bench.txt`).
+The script compares the loss with a dense-mask version of the same equation written below (float
+masks over the whole batch, built the way the original SupContrast reference code builds them)
+and, when installed, pytorch-metric-learning's `SupConLoss` and lightly's `NTXentLoss`
+(`requirements-bench.txt`).
 Inputs: B samples with V = 2 views of D = 128 float32 features, one process, with
 temperature = base_temperature, where all of them compute the same loss. The SimCLR table uses no
 labels; the SupCon table uses 10 classes and leaves out lightly, which takes no labels.
 
-Time: median over --repeats passes after two warm-up passes, with the methods taking turns in
-this process so that load from other processes spreads over all of them alike.
+Time: median and min over the timed passes (--repeats at B = 4096, 2x as many at 1024 and 8x at
+256) after two warm-up passes. The methods take turns in this process, so that load from other
+processes spreads over all of them alike. On a machine shared with other jobs, `--threads 1`
+gives steadier times, because with two threads a parallel op stalls while one of its threads
+waits for a core.
 
 Peak memory: each case runs in a fresh subprocess with glibc's mmap threshold pinned
 (MALLOC_MMAP_THRESHOLD_), so every block of 128 KiB or more goes back to the OS when freed. After
@@ -115,6 +119,13 @@ def read_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def make_inputs(batch_size: int, supervised: bool) -> tuple[Tensor, Tensor | None]:
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(batch_size, NUM_VIEWS, FEATURE_DIM, generator=generator)  # (B, V, D)
@@ -151,6 +162,7 @@ def measure_memory_here(method: str, batch_size: int, supervised: bool) -> dict[
 def measure_memory(method: str, batch_size: int, supervised: bool) -> dict[str, float]:
     """Run `measure_memory_here` in a fresh subprocess with the mmap threshold pinned."""
     command = [sys.executable, __file__, "--memory-case", method, "--batch", str(batch_size)]
+    command += ["--threads", str(torch.get_num_threads())]
     command += ["--supervised"] if supervised else []
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
@@ -159,8 +171,8 @@ def measure_memory(method: str, batch_size: int, supervised: bool) -> dict[str, 
 
 def measure_times(
     methods: list[str], batch_size: int, supervised: bool, repeats: int
-) -> dict[str, float]:
-    """Return the median pass time of each method in ms, running the methods in turn.
+) -> dict[str, tuple[float, float]]:
+    """Return the median and min pass time of each method in ms, running the methods in turn.
 
     Taking turns spreads the load of other processes on the machine over all methods alike.
     """
@@ -173,7 +185,10 @@ def measure_times(
             forward_backward()
             if round_index >= WARMUP_ROUNDS:
                 times[method].append(time.perf_counter() - start)
-    return {method: 1000 * statistics.median(samples) for method, samples in times.items()}
+    return {
+        method: (1000 * statistics.median(samples), 1000 * min(samples))
+        for method, samples in times.items()
+    }
 
 
 def library_available(method: str) -> bool:
@@ -194,37 +209,55 @@ def print_table(title: str, supervised: bool, repeats: int) -> None:
         if library_available(method) and not (supervised and method == "lightly")
     }
     print(f"\n### {title}\n")
-    print("| batch B (rows B*V) | method | time ms (median) | peak MiB | loss value | agrees |")
-    print("|---|---|---:|---:|---:|---|")
+    print(
+        "| batch B (rows B*V) | method | time ms, median | time ms, min | peak MiB "
+        "| loss value | agrees |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     for batch_size in BATCH_SIZES:
         memory = {method: measure_memory(method, batch_size, supervised) for method in names}
-        times = measure_times(list(names), batch_size, supervised, repeats)
+        # Small batches take milliseconds, so they get more passes against timing noise.
+        batch_repeats = repeats * max(1, BATCH_SIZES[-1] // batch_size // 2)
+        times = measure_times(list(names), batch_size, supervised, batch_repeats)
         reference_value = memory["ours"]["value"]
         for method, name in names.items():
             value = memory[method]["value"]
             agrees = abs(value - reference_value) <= VALUE_RTOL * abs(reference_value)
+            median_ms, min_ms = times[method]
             print(
-                f"| {batch_size} ({batch_size * NUM_VIEWS}) | {name} | {times[method]:.1f} | "
-                f"{memory[method]['peak_mib']:.1f} | {value:.6f} | {'yes' if agrees else 'NO'} |",
+                f"| {batch_size} ({batch_size * NUM_VIEWS}) | {name} | {median_ms:.1f} | "
+                f"{min_ms:.1f} | {memory[method]['peak_mib']:.1f} | {value:.6f} | "
+                f"{'yes' if agrees else 'NO'} |",
                 flush=True,
             )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed passes per method and batch")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="timed passes per method at the largest batch; smaller batches run more",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="intra-op CPU threads (default: torch's, one per core)"
+    )
     parser.add_argument("--memory-case", choices=list(METHODS.values()), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     if args.memory_case is not None:
         print(json.dumps(measure_memory_here(args.memory_case, args.batch, args.supervised)))
         return
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, V={NUM_VIEWS}, "
-        f"D={FEATURE_DIM}, temperature = base_temperature = {TEMPERATURE}"
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, 1-minute load average at start "
+        f"{os.getloadavg()[0]:.2f}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"float32, V={NUM_VIEWS}, D={FEATURE_DIM}, temperature = base_temperature = {TEMPERATURE}"
     )
     print_table("SimCLR (no labels)", supervised=False, repeats=args.repeats)
     print_table(f"SupCon ({NUM_CLASSES} classes)", supervised=True, repeats=args.repeats)

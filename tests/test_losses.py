@@ -240,9 +240,11 @@ def test_supcon_base_temperature_scales_loss() -> None:
 )
 def test_supcon_gradcheck(kind: str, num_views: int, contrast_mode: str) -> None:
     features = random_features(4, num_views, dim=3, seed=7).requires_grad_()
-    extra = positive_inputs(kind, 4, seed=7)
+    # Fixed labels give every sample a positive even with one view.
     if kind == "labels":
         extra = {"labels": torch.tensor([0, 1, 0, 1])}
+    else:
+        extra = positive_inputs(kind, 4, seed=7)
     loss_fn = SupConLoss(temperature=0.5, contrast_mode=contrast_mode)
 
     assert torch.autograd.gradcheck(lambda x: loss_fn(x, **extra).loss, (features,))
@@ -285,7 +287,7 @@ def fresh_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(losses, "_no_positive_warned", False)
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("batch_size", [0, 1, 4])
 def test_supcon_no_positive_zero_loss(fresh_warning: None, batch_size: int) -> None:
     features = random_features(batch_size, 1, seed=10).requires_grad_()
     labels = torch.arange(batch_size)

@@ -59,6 +59,7 @@ CASES = {
     # One view: labels 0 and 1 pair samples on different ranks, and label 2 has no positive.
     "positives_across_ranks": Case((3, 2), 1, "labels", seed=7, labels=(0, 1, 2, 1, 0)),
     "no_positive_3_2": Case((3, 2), 1, "unique_labels", seed=8),
+    "empty_rank_0_4": Case((0, 4), 2, "labels", seed=13),
     "labels_1_4_2": Case((1, 4, 2), 2, "labels", seed=9),
     "simclr_3_5_1_three_views": Case((3, 5, 1), 3, "simclr", seed=10),
     "mask_1_4_2_mode_one": Case((1, 4, 2), 2, "mask", contrast_mode="one", seed=11),
