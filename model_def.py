@@ -1,9 +1,9 @@
 """Contrastive pre-training with an online linear classifier, one step of each per batch.
 
-Each training batch takes one SupCon or SimCLR step of the encoder and projection head, then
-one step of the linear classifier on the encoder embeddings of the same forward pass, detached
-so the classifier never shapes the encoder (the online evaluation of solo-learn and of
-Chen et al., arXiv 2002.05709). Everything else lives in trial_common.py. The legacy entrypoint
+Each training batch takes one SupCon or SimCLR step of the encoder and projection head. Then it
+takes one step of the linear classifier on the encoder embeddings of the same forward pass,
+detached so that the classifier never shapes the encoder. solo-learn evaluates online the same
+way. Everything else lives in trial_common.py. The legacy entrypoint
 `model_def:ContrastiveLearningTrial` works too, since the trial needs only its context.
 """
 

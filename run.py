@@ -120,9 +120,9 @@ def load_config(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
 def resolve_hyperparameters(section: Mapping[str, Any]) -> dict[str, Any]:
     """Turn Determined's hyperparameter definitions into plain values for a local run.
 
-    A `const` gives its value; a searched hyperparameter, which only a cluster's searcher can
-    sample, gives a fixed point of its range (the first categorical value, the middle of an int
-    or double range, the geometric middle of a log range), logged so the choice is visible.
+    A `const` gives its value. Only a cluster's searcher can sample a searched hyperparameter,
+    so locally it takes a fixed point of its range: the first categorical value, the middle of
+    an int or double range, or the geometric middle of a log range. The log states the choice.
     """
     resolved = {}
     for name, spec in section.items():

@@ -2,9 +2,9 @@
 
 Training batches update only the encoder and projection head with the SupCon or SimCLR loss.
 After every `train_cls_every_n_epochs` epochs, and after the last one, the trial freezes the
-encoder (eval mode, no gradients, BatchNorm statistics untouched) and trains the linear
-classifier for `train_cls_epochs` passes over its own sharded loader, as the linear evaluation
-of Khosla et al. (arXiv 2004.11362) does once after pre-training. Shared parts live in
+encoder: eval mode, no gradients, BatchNorm statistics untouched. It then trains the linear
+classifier for `train_cls_epochs` passes over its own sharded loader. The linear evaluation of
+Khosla et al. (arXiv 2004.11362) does the same once, after pre-training. Shared parts live in
 trial_common.py.
 """
 

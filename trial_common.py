@@ -1,4 +1,4 @@
-"""What both contrastive trials share: model, loss, optimizers, schedules, data and validation.
+"""Parts shared by both contrastive trials: model, loss, optimizers, schedules, data, validation.
 
 `model_def.py` (classifier step interleaved with every contrastive step) and
 `train_eval_model_def.py` (classifier trained in a nested loop) subclass `ContrastiveTrialBase`

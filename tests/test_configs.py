@@ -71,3 +71,29 @@ def test_cifar_recipe_values(name):
     assert hparams["epochs"] == 1000
     assert hparams["learning_rate"] == 0.5
     assert hparams["temperature"] == (0.1 if name.startswith("supclr") else 0.5)
+
+
+def test_startup_hook_installs_only_missing(tmp_path):
+    # A stand-in python3 that lacks scikit-learn, has a torch stack, and records pip calls.
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    log = tmp_path / "calls.log"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {log}\n'
+        'if [[ "$1" == "-c" && "$2" == "import sklearn" ]]; then exit 1; fi\n'
+        'if [[ "$*" == "-m pip freeze" ]]; then\n'
+        "  printf 'numpy==1.26.4\\ntorch==2.3.1\\ntorchvision==0.18.1\\nrequests==2.0\\n'\n"
+        "fi\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "startup-hook.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [line for line in log.read_text().splitlines() if "pip install" in line]
+    assert len(installs) == 1
+    assert installs[0].endswith("scikit-learn==1.9.1")
+    assert "--constraint" in installs[0]
+    assert "torch" not in installs[0].split("--constraint")[1].split()[1:]
