@@ -7,7 +7,7 @@ sampler, so the difference is what Determined's Trainer and the trial add per st
 runs `--rounds` times in alternation; the table gives the median images per second (images,
 not views) measured over the steps after the warm-up.
 
-    python3 benchmarks/train_bench.py [--steps 20] [--warmup 3] [--rounds 3]
+    python3 benchmarks/train_bench.py [--steps 8] [--warmup 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ HPARAMS = {
     "learning_rate": 0.1,
     "warmup_epochs": 1,
 }
-DATA = {"dataset": "synthetic", "num_workers": 0, "options": {"size": 1024}}
+DATA = {"dataset": "synthetic", "num_workers": 0, "options": {"size": 512}}
 
 
 class TimedTrial(ContrastiveLearningTrial):
@@ -74,7 +74,7 @@ def trial_images_per_second(steps: int, warmup: int) -> float:
 
 def plain_images_per_second(steps: int, warmup: int) -> float:
     torch.manual_seed(0)
-    datasets = data.build_datasets("synthetic", None, n_views=2, size=1024)
+    datasets = data.build_datasets("synthetic", None, n_views=2, size=512)
     sampler = ShuffledBatchSampler(len(datasets.contrastive_train), BATCH_SIZE, seed=0)
     loader = torch.utils.data.DataLoader(datasets.contrastive_train, batch_sampler=sampler)
     network = SupConResNet(backbone="resnet18", width=1.0)
@@ -119,9 +119,9 @@ def plain_images_per_second(steps: int, warmup: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     args = parser.parse_args()
     os.environ.setdefault("XDG_DATA_HOME", tempfile.mkdtemp(prefix="train-bench-"))
 
