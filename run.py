@@ -8,7 +8,8 @@ and takes the hyperparameters, the data config and the latest checkpoint from De
 Locally it reads the same YAML, picks the trial from its entrypoint and trains with
 Determined's local Trainer, in one process or under torchrun:
     python3 run.py --config supclr_digits.yaml
-    python3 run.py --config supclr.yaml --test-mode --set data.dataset=synthetic
+    python3 run.py --config supclr.yaml --test-mode --set data.dataset=synthetic \
+        --set hyperparameters.global_batch_size=64 --set data.num_workers=0
     USE_TORCH_DISTRIBUTED=1 torchrun --nproc_per_node=2 run.py --config supclr_digits.yaml
 """
 
@@ -171,7 +172,14 @@ def load_trial_class(spec: str) -> type[pytorch.PyTorchTrial]:
             f"invalid trial '{spec}'; expected module:Class, "
             "e.g. model_def:ContrastiveLearningTrial"
         )
-    trial_class = getattr(importlib.import_module(module_name), class_name, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"trial module '{module_name}' not found; expected model_def or "
+            "train_eval_model_def, run from the project folder"
+        ) from error
+    trial_class = getattr(module, class_name, None)
     if trial_class is None:
         raise ValueError(f"trial class '{class_name}' not found in module '{module_name}'")
     return trial_class
@@ -200,6 +208,11 @@ def set_local_seeds(seed: int) -> None:
 def local_distributed_context() -> core.DistributedContext | None:
     """Join torchrun's process group when USE_TORCH_DISTRIBUTED is set, else train alone."""
     if not os.environ.get("USE_TORCH_DISTRIBUTED"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                f"torchrun started {os.environ['WORLD_SIZE']} processes but USE_TORCH_DISTRIBUTED "
+                "is not set, so each would train alone; run USE_TORCH_DISTRIBUTED=1 torchrun ..."
+            )
         return None
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -224,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         exp_conf = load_config(args.config, args.overrides)
         if args.epochs is not None:
             exp_conf.setdefault("hyperparameters", {})["epochs"] = args.epochs
-        hparams = resolve_hyperparameters(exp_conf.get("hyperparameters", {}))
+        hparams = resolve_hyperparameters(exp_conf.get("hyperparameters") or {})
         distributed = local_distributed_context()
         set_local_seeds(int((exp_conf.get("reproducibility") or {}).get("experiment_seed", 0)))
         latest_checkpoint = args.resume
@@ -237,22 +250,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if "epochs" not in hparams:
         raise ValueError("missing hyperparameter 'epochs'; add the training length in epochs")
-    if args.test_mode:
-        max_length: pytorch.TrainUnit = pytorch.Batch(1)
-    elif args.max_batches is not None:
-        max_length = pytorch.Batch(args.max_batches)
-    else:
-        max_length = pytorch.Epoch(int(hparams["epochs"]))
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"invalid --max-batches {args.max_batches}; expected a count >= 1")
 
     started = time.monotonic()
     with pytorch.init(hparams=hparams, exp_conf=exp_conf, distributed=distributed) as context:
         trial = trial_class(context)
         config = context.get_experiment_config()
+        max_length = training_length(args, hparams, trial, on_cluster)
         trainer = pytorch.Trainer(trial, context)
+        # Determined 0.38.1's local Trainer restarts its batch index at 0 when it continues a
+        # checkpoint and checks the training length only at reporting boundaries, so a resumed
+        # local run reports every batch to stop exactly at max_length.
+        # NOTE: periodic validations of a resumed local run are offset by the batches it resumed
+        # from; the final validation still runs at the end.
+        resumed_locally = not on_cluster and latest_checkpoint is not None
         trainer.fit(
             max_length=max_length,
             validation_period=train_unit(config.get("min_validation_period")),
             checkpoint_period=train_unit(config.get("min_checkpoint_period")),
+            reporting_period=pytorch.Batch(1 if resumed_locally else 100),
             checkpoint_policy=config.get("checkpoint_policy", "best"),
             latest_checkpoint=latest_checkpoint,
             test_mode=args.test_mode,
@@ -269,6 +286,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
+def training_length(
+    args: argparse.Namespace,
+    hparams: Mapping[str, Any],
+    trial: pytorch.PyTorchTrial,
+    on_cluster: bool,
+) -> pytorch.TrainUnit:
+    """Return the `max_length` of `Trainer.fit`.
+
+    Locally the length is counted in batches, the unit in which Determined compares it with the
+    batches a resumed run has already trained. On a cluster it stays in epochs, the unit of
+    ASHA's `max_time`.
+    """
+    if args.test_mode:
+        return pytorch.Batch(1)
+    if args.max_batches is not None:
+        return pytorch.Batch(args.max_batches)
+    steps_per_epoch = getattr(trial, "steps_per_epoch", None)
+    if on_cluster or steps_per_epoch is None:
+        return pytorch.Epoch(int(hparams["epochs"]))
+    return pytorch.Batch(int(hparams["epochs"]) * steps_per_epoch)
+
+
 def log_summary(metrics: Mapping[str, Any], seconds: float) -> None:
     def percent(name: str) -> str:
         value = metrics.get(name)
@@ -279,7 +318,9 @@ def log_summary(metrics: Mapping[str, Any], seconds: float) -> None:
         "batches (%.0f s)",
         percent("validation_accuracy"),
         percent("validation_knn_accuracy"),
-        metrics.get("validation_classifier_loss", "n/a"),
+        f"{metrics['validation_classifier_loss']:.4f}"
+        if "validation_classifier_loss" in metrics
+        else "n/a",
         metrics.get("batches", "n/a"),
         seconds,
     )

@@ -324,3 +324,38 @@ def test_digits_demo_learns(local_storage, tmp_path):
     metrics = json.loads(metrics_file.read_text())
     assert metrics["validation_accuracy"] >= 0.95
     assert metrics["validation_knn_accuracy"] >= 0.95
+
+
+def test_run_rejects_nonpositive_max_batches():
+    with pytest.raises(ValueError, match="invalid --max-batches 0; expected a count >= 1"):
+        run.main(["--config", str(ROOT / "supclr_digits.yaml"), "--max-batches", "0"])
+
+
+def test_run_rejects_torchrun_without_flag(monkeypatch):
+    monkeypatch.delenv("USE_TORCH_DISTRIBUTED", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="USE_TORCH_DISTRIBUTED is not set"):
+        run.local_distributed_context()
+
+
+def test_run_rejects_unknown_trial_module():
+    with pytest.raises(ValueError, match="trial module 'nomodule' not found"):
+        run.load_trial_class("nomodule:Trial")
+
+
+def test_run_resume_stops_at_configured_length(local_storage, tmp_path):
+    options = [
+        "--config",
+        str(ROOT / "supclr_digits.yaml"),
+        "--epochs",
+        "1",
+        "--set",
+        "hyperparameters.warmup_epochs=0",
+        "--set",
+        "data.num_workers=0",
+        *SHORT_RUN,
+    ]
+    run.main([*options, "--max-batches", "10"])
+    metrics = run.main([*options, "--resume", latest_checkpoint_uuid(local_storage)])
+    # 1437 images in batches of 32: one epoch is 44 batches, 10 before and 34 after the resume.
+    assert metrics["batches"] == 44
