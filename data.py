@@ -917,9 +917,9 @@ def build_datasets(
     spec = DATASETS[name]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ValueError(
-            f"unknown options {unknown} for dataset {name!r}; expected some of {list(spec.options)}"
-        )
+        accepted = list(spec.options)
+        hint = f"expected some of {accepted}" if accepted else "it takes no options; remove them"
+        raise ValueError(f"unknown options {unknown} for dataset {name!r}; {hint}")
     if spec.needs_data_dir and not data_dir:
         raise ValueError(f"dataset {name!r} needs data_dir; set it to the folder of the dataset")
     if data_dir:
