@@ -306,7 +306,7 @@ def test_trial_spec_read_from_entrypoint():
 
 
 def test_digits_demo_learns(local_storage, tmp_path):
-    # A quarter of the demo's 40 epochs already separates the digits well; logistic regression
+    # A quarter of the demo's 40 epochs already separates the digits well. Logistic regression
     # on the raw pixels reaches about 96.7%, so 95% catches a pipeline that stopped learning.
     metrics_file = tmp_path / "metrics.json"
     run.main(
