@@ -124,7 +124,7 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Endless per-slot batches, each epoch a new permutation seeded by (seed, epoch).
 
     The order is a pure function of the seed and the position in the stream, so a run resumed
-    at `start_batch` sees exactly the batches a straight run would have seen. One epoch is
+    at `start_batch` receives exactly the batches of a straight run. One epoch is
     `len(self)` full batches; the remainder of each permutation is dropped.
     """
 
